@@ -42,6 +42,8 @@ from app.errors import (
 
 log = logging.getLogger(__name__)
 
+CLEAN_STEPS_TO_GROW = 32
+
 
 class Engine:
     def __init__(self, runner: ModelRunner, limits: BatchLimits, observer: EngineObserver | None = None):
@@ -57,6 +59,10 @@ class Engine:
         self.accepting = True
         self.dead_reason: str | None = None
         self._busy = False
+        # After a decode OOM the batch may not grow back past this until it has run cleanly
+        # for a while; without it a preempted sequence is re-admitted and preempted forever.
+        self._slot_cap: int | None = None
+        self._clean_steps = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -123,7 +129,7 @@ class Engine:
                     if self._stopping:
                         break
                     now = time.monotonic()
-                    plan = self.scheduler.plan(now, len(self.batch), self.batch.reserved_tokens)
+                    plan = self.scheduler.plan(now, len(self.batch), self.batch.reserved_tokens, self._slot_cap)
                     if not plan.has_work and not self.batch.seqs and not plan.dropped:
                         timeout = plan.wait_s
                         deadline = self.scheduler.earliest_deadline()
@@ -331,6 +337,12 @@ class Engine:
                 self._fail_batch("decode", jobs, exc)
             return
         self.stats.record_batch("decode", size)
+        if self._slot_cap is not None:
+            self._clean_steps += 1
+            if self._clean_steps >= CLEAN_STEPS_TO_GROW:
+                self._slot_cap, self._clean_steps = self._slot_cap + 1, 0
+                if self._slot_cap >= self.limits.max_batch_size:
+                    self._slot_cap = None
         self.observer.on_batch("decode", size, int(self.batch.mask.sum()), time.monotonic() - started)
         for row, seq in enumerate(self.batch.seqs):
             self._advance(seq, logits[row])
@@ -342,6 +354,7 @@ class Engine:
         self.runner.free_memory()
         self.stats.oom_retries += 1
         self.observer.on_oom_retry()
+        self._slot_cap, self._clean_steps = max(len(self.batch) - 1, 1), 0
         if len(self.batch) == 1:
             job = self.batch.seqs[0].job
             self.batch = DecodeBatch()

@@ -82,12 +82,13 @@ class Scheduler:
             queue.extend(keep)
         return dropped
 
-    def plan(self, now: float, running: int, running_tokens: int) -> Plan:
+    def plan(self, now: float, running: int, running_tokens: int, slot_cap: int | None = None) -> Plan:
+        """``slot_cap`` lowers the decode batch limit after an OOM (see Engine)."""
         plan = Plan()
         plan.dropped = self._purge(self.score_queue, now) + self._purge(self.generate_queue, now)
         lim = self.limits
 
-        slots = lim.max_batch_size - running
+        slots = min(lim.max_batch_size, slot_cap or lim.max_batch_size) - running
         budget = lim.max_batch_tokens - running_tokens
         while self.generate_queue and slots > 0:
             job = self.generate_queue[0]
