@@ -165,7 +165,7 @@ def list_models(store_dir: Path) -> list[ModelEntry]:
 def resolve_model(spec: str | None, store_dir: Path) -> ModelEntry:
     if spec:
         in_store = store_dir / spec
-        if in_store.is_dir():
+        if "/" not in spec and in_store.is_dir():
             return ModelEntry(spec, in_store, check_model_dir(in_store))
         path = Path(spec).expanduser()
         if path.is_dir():
