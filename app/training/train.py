@@ -7,8 +7,9 @@ Runs the same on one CPU, one GPU or many processes (data-parallel, same global 
         --max-train-examples 1600 --epochs 1 --output_dir runs/lora-cpu
     # the seed's flags verbatim (full fine-tune, lr 1e-5, 3 epochs, batch 16; bf16 on GPU)
     python -m app.training.train --dataset hellaswag --model facebook/MobileLLM-125M --output_dir ./fine_tuned_model
-    # several processes (gloo on CPU, NCCL on GPUs)
-    accelerate launch --num_processes 2 -m app.training.train --batch-size 8 ...
+    # several processes, data-parallel with the same global batch (torchrun-based launcher;
+    # gloo on a CPU-only host, NCCL on GPUs)
+    accelerate launch --multi_gpu --num_processes 2 -m app.training.train --batch-size 8 ...
     # continue after a crash / kill -9 from the last complete checkpoint
     python -m app.training.train ... --resume
 
@@ -274,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     mp = args.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"  # bf16 is ~5x slower than fp32 on AVX2 CPUs
-    accelerator = Accelerator(mixed_precision=mp)
+    # cpu=True is what makes a multi-process launch on a GPU-less host use gloo (MULTI_CPU)
+    # instead of silently running each process alone.
+    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * plan.total_steps), plan.total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside prepare(): Accelerate would step it once per process, but
+    # here a step is one global batch whatever the process count.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
     start_step = 0
     history: list[dict] = []
