@@ -22,8 +22,9 @@ setup: $(STAMP)
 assets: setup
 	$(BIN)/hellaswag-fetch-assets
 
+# The same entrypoint script the Docker image runs.
 serve: assets
-	APP_HOST=$(HOST) APP_PORT=$(PORT) $(BIN)/hellaswag-serve
+	PATH="$(CURDIR)/$(BIN):$$PATH" APP_HOST=$(HOST) APP_PORT=$(PORT) docker/entrypoint.sh serve
 
 # Exit code 5 means "no tests collected": not a failure for a filtered run.
 test: setup
