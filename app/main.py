@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.svc = svc
+    _publish_limits_in_schema(app, settings)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(protected)
@@ -169,6 +170,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics)
     return app
+
+
+def _publish_limits_in_schema(app: FastAPI, settings: Settings) -> None:
+    """Put this server's configured caps into /openapi.json so clients (and fuzzers) see them."""
+    base_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = base_openapi()
+            props = schema.get("components", {}).get("schemas", {})
+            gen = props.get("GenerateRequest", {}).get("properties", {})
+            for key in ("max_new_tokens",):
+                for variant in gen.get(key, {}).get("anyOf", [gen.get(key, {})]):
+                    if variant.get("type") == "integer":
+                        variant["maximum"] = settings.max_new_tokens_cap
+            for key in ("timeout_s",):
+                for variant in gen.get(key, {}).get("anyOf", []):
+                    if variant.get("type") == "number":
+                        variant["maximum"] = settings.max_request_timeout_s
+            score = props.get("ScoreRequest", {}).get("properties", {})
+            if "endings" in score:
+                score["endings"]["maxItems"] = settings.max_endings
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class DrainingServer:

@@ -10,7 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 _strict = ConfigDict(extra="forbid")
 
 
+def _encodable(value: str, what: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON allows lone surrogates (\ud800); no tokenizer can encode them.
+        raise ValueError(f"{what} contains invalid Unicode (a lone surrogate)") from None
+    return value
+
+
 def _not_blank(value: str, what: str) -> str:
+    _encodable(value, what)
     if not value.strip():
         raise ValueError(f"{what} must contain non-whitespace text")
     return value
@@ -33,7 +43,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     cache: bool = Field(True, description="false bypasses the response cache")
-    timeout_s: float | None = Field(None, gt=0, description="Per-request deadline (capped by settings)")
+    timeout_s: float | None = Field(None, ge=0.1, description="Per-request deadline in seconds (at least 0.1; capped by settings)")
     truncate: bool = Field(False, description="Keep the prompt's tail instead of rejecting a too-long prompt")
 
     @field_validator("prompt")
@@ -46,6 +56,8 @@ class GenerateRequest(BaseModel):
     def _stop(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and any(not s or len(s) > 256 for s in v):
             raise ValueError("stop strings must be 1 to 256 characters")
+        for s in v or ():
+            _encodable(s, "stop")
         return v
 
 
@@ -72,7 +84,7 @@ class ScoreRequest(BaseModel):
     context: str = Field(..., min_length=1, max_length=200_000)
     endings: list[str] = Field(..., min_length=1, max_length=1024)
     cache: bool = True
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, ge=0.1, description="Per-request deadline in seconds (at least 0.1; capped by settings)")
     truncate: bool = Field(False, description="Drop the context's head instead of rejecting a too-long request")
 
     @field_validator("context")
@@ -84,6 +96,7 @@ class ScoreRequest(BaseModel):
     @classmethod
     def _endings(cls, v: list[str]) -> list[str]:
         for i, ending in enumerate(v):
+            _encodable(ending, f"endings[{i}]")
             if not ending.strip():
                 raise ValueError(f"endings[{i}] must contain non-whitespace text")
             if len(ending) > 100_000:
@@ -130,6 +143,25 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     suffix: str | None = Field(None, max_length=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        texts = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)]
+        for text in texts:
+            _encodable(text, "prompt")
+            if not text:
+                raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        for s in [v] if isinstance(v, str) else (v or []):
+            _encodable(s, "stop")
+            if not s:
+                raise ValueError("stop strings must not be empty")
+        return v
 
     @field_validator("logit_bias")
     @classmethod

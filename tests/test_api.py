@@ -235,7 +235,7 @@ def test_queue_full_gets_503_with_retry_after(tiny_settings):
 
 
 def test_deadline_gives_504(server):
-    r = httpx.post(server.url + "/generate", json={"prompt": "slow", "max_new_tokens": 200, "timeout_s": 0.05, "cache": False}, timeout=30)
+    r = httpx.post(server.url + "/generate", json={"prompt": "slow", "max_new_tokens": 200, "timeout_s": 0.1, "cache": False}, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
 
 

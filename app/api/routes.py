@@ -10,12 +10,12 @@ import uuid
 from typing import Any, Awaitable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from app.api.errors import error_body
 from app.engine.types import TokenEvent
 from app.errors import InvalidRequest, RequestCancelled, ServiceError, ServiceUnavailable, Unauthorized
-from app.schemas import CompletionRequest, GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse
+from app.schemas import CompletionRequest, ErrorResponse, GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse
 
 DISCONNECT_POLL_S = 0.05
 
@@ -74,8 +74,17 @@ def no_cache(request: Request) -> bool:
     return "no-cache" in request.headers.get("cache-control", "").lower()
 
 
-router = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_key)])
+def _errors(*codes: int) -> dict:
+    described = {400: "invalid request", 401: "missing or invalid API key", 413: "body too large",
+                 422: "request does not match the schema", 499: "client went away", 503: "overloaded, loading or draining",
+                 504: "deadline exceeded", 500: "model failed on this batch"}
+    return {c: {"model": ErrorResponse, "description": described[c]} for c in codes}
+
+
+INFERENCE_ERRORS = _errors(400, 401, 413, 422, 499, 500, 503, 504)
+
+router = APIRouter(responses=_errors(413))
+protected = APIRouter(dependencies=[Depends(require_key)], responses=_errors(401, 413, 503))
 
 
 @router.get("/health", tags=["ops"])
@@ -84,7 +93,7 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", tags=["ops"])
+@router.get("/ready", tags=["ops"], responses=_errors(503))
 async def ready(request: Request):
     svc = state(request)
     if svc.ready:
@@ -93,7 +102,8 @@ async def ready(request: Request):
     return JSONResponse(error_body("not_ready", reason), status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics_key)])
+@router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics_key)], response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus exposition"}, **_errors(401)})
 async def metrics(request: Request):
     return Response(state(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -109,7 +119,7 @@ def _sse(payload: dict | str, event: str | None = None) -> bytes:
 
 
 @protected.post("/generate", response_model=GenerateResponse, tags=["inference"],
-                responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+                responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}, **INFERENCE_ERRORS})
 async def generate(body: GenerateRequest, request: Request):
     inference = service(request)
     if body.stream:
@@ -145,7 +155,7 @@ def _stream_generate(body: GenerateRequest, request: Request, inference):
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@protected.post("/score", response_model=ScoreResponse, tags=["inference"])
+@protected.post("/score", response_model=ScoreResponse, tags=["inference"], responses=INFERENCE_ERRORS)
 async def score(body: ScoreRequest, request: Request):
     inference = service(request)
     if no_cache(request):
@@ -165,7 +175,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [{"id": inference.model_name, "object": "model", "created": 0, "owned_by": "local"}]}
 
 
-@protected.post("/v1/completions", tags=["openai"])
+@protected.post("/v1/completions", tags=["openai"], responses={200: {"content": {"text/event-stream": {}}}, **INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request):
     inference = service(request)
     prompts = inference.completion_prompts(body)

@@ -279,8 +279,17 @@ class Engine:
         self._retire_finished()
 
     def _advance(self, seq: Sequence_, logits) -> None:
-        """Choose the next token for ``seq`` from its logits and deliver what it releases."""
-        token = self.runner.choose(seq, logits)
+        """Choose the next token for ``seq`` from its logits and deliver what it releases.
+
+        Sampling is per request: a failure here fails this sequence only, not its batch mates."""
+        if seq.job.finished:
+            return
+        try:
+            token = self.runner.choose(seq, logits)
+        except Exception as exc:  # noqa: BLE001
+            log.error("sampling failed for request %d: %s: %s", seq.job.id, type(exc).__name__, exc)
+            self._fail(seq.job, ModelError(f"sampling failed: {type(exc).__name__}"))
+            return
         now = time.monotonic()
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -298,6 +307,8 @@ class Engine:
         keep = []
         for row, seq in enumerate(self.batch.seqs):
             job = seq.job
+            if job.finished:  # failed individually (e.g. sampling): just leave the batch
+                continue
             if seq.stop.finished:
                 completion = len(seq.stop.token_ids)
                 self.stats.completed += 1

@@ -43,12 +43,23 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+# Below this, dividing by the temperature overflows float32; the limit of sampling as T -> 0 is
+# greedy decoding anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 def choose_token(
     logits: torch.Tensor, params: SamplingParams, seen: Sequence[int], generator: torch.Generator
 ) -> int:
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    if params.greedy:
+    raw = logits.float()
+    logits = apply_repetition_penalty(raw, seen, params.repetition_penalty)
+    # Extreme penalties can overflow; keep the ranking, drop the infinities.
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    if params.greedy or params.temperature < MIN_SAMPLING_TEMPERATURE:
         return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
+    scaled = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    filtered = filter_top_k_top_p(scaled, params.top_k, params.top_p)
+    probs = torch.softmax(filtered.double(), dim=-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
