@@ -169,6 +169,46 @@ def evaluate(model_spec: str | None, examples: Sequence[Example], settings, batc
     }
 
 
+def learning_curve_md(run_dir: Path, base: dict, tuned: dict) -> str:
+    """Held-out acc_norm on the training run's fixed subset after 0 / ... / all training examples.
+
+    The 0 and final points are read off the full held-out reports (the subset is part of them),
+    so the curve costs no extra scoring."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report = json.loads((run_dir / "report.json").read_text())
+    cfg = report["config"]
+    subset_size = cfg.get("eval_examples") or 0
+    held = load_examples(default_dataset_dir(Path(cfg.get("data_dir") or "data")), "held_out")
+    import random
+
+    subset = {e.row for e in random.Random(0).sample(held, subset_size)} if subset_size and subset_size < len(held) else {e.row for e in held}
+
+    def subset_acc(rep: dict) -> float:
+        recs = [r for r in rep["records"] if r["row"] in subset]
+        return sum(r["pred_norm"] == r["label"] for r in recs) / len(recs)
+
+    points = [(0, subset_acc(base))]
+    points += [(r["examples_seen"], r["acc_norm"]) for r in rows if r.get("type") == "eval" and r["examples_seen"] > 0]
+    final_seen = report["plan"]["total_steps"] * report["plan"]["global_batch"]
+    if all(seen != final_seen for seen, _ in points):
+        points.append((final_seen, subset_acc(tuned)))
+    train_rows = [r for r in rows if r.get("type") == "train"]
+    speed = sum(r["examples_per_s"] for r in train_rows) / len(train_rows) if train_rows else 0
+    lines = [
+        "## Learning curve",
+        "",
+        f"Held-out acc_norm on a fixed {len(subset)}-row subset of the held-out split after N training examples "
+        f"(run `{run_dir}`; training throughput {speed:.2f} examples/s on this machine).",
+        "",
+        "| training examples | acc_norm % |",
+        "|---|---|",
+    ]
+    lines += [f"| {seen} | {100 * acc:.1f} |" for seen, acc in sorted(points)]
+    cmd = (run_dir / "COMMAND").read_text().strip() if (run_dir / "COMMAND").exists() else json.dumps(cfg)
+    lines += ["", "Reproduce the fine-tuned model:", "", "```bash", cmd, "```"]
+    return "\n".join(lines)
+
+
 def _fmt_ci(lo_hi) -> str:
     return f"[{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
 
@@ -244,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Evaluate models on held-out HellaSwag")
     p.add_argument("--model", help="model-store name, path or hub id (default: what the server would serve)")
     p.add_argument("--compare", nargs=2, metavar=("BASE", "FINETUNED"))
+    p.add_argument("--compare-reports", nargs=2, type=Path, metavar=("BASE.json", "FINETUNED.json"),
+                   help="write the comparison from two saved --out reports (same examples) without rescoring")
+    p.add_argument("--training-run", type=Path, help="a training output_dir: adds its learning curve to the comparison")
     p.add_argument("--data", help="a rowanz-format JSONL file (default: the embedded held-out split)")
     p.add_argument("--split", default="held_out", choices=["held_out", "train", "all"])
     p.add_argument("--limit", type=int, help="random subset of N examples (fixed seed)")
@@ -253,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.compare_reports:
+        reports = [json.loads(path.read_text()) for path in args.compare_reports]
+        if reports[0]["examples_fingerprint"] != reports[1]["examples_fingerprint"]:
+            p.error("the two reports were computed on different examples")
+        extra = learning_curve_md(args.training_run, reports[0], reports[1]) if args.training_run else ""
+        test = write_comparison(reports[0], reports[1], args.results_md, args.results_md.with_suffix(".png"), extra)
+        json.dump({"base": reports[0]["overall"], "finetuned": reports[1]["overall"], "mcnemar": test}, sys.stdout, indent=2)
+        print()
+        return 0
     examples = load_eval_examples(args.data, settings.data_dir, args.split, args.limit)
     if args.compare:
         reports = [evaluate(m, examples, settings, args.batch_size, not args.quiet) for m in args.compare]

@@ -29,17 +29,18 @@ class ScoreBody(BaseModel):
     endings: list[str]
 
 
-def create_app(model_path: str) -> FastAPI:
+def create_app(model_path: str, device: str = "cpu") -> FastAPI:
     torch.set_grad_enabled(False)
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     lock = threading.Lock()
     app = FastAPI()
 
     @app.post("/generate")
     def generate(body: GenerateBody):
         with lock:
-            ids = tok(body.prompt, return_tensors="pt").input_ids
+            ids = tok(body.prompt, return_tensors="pt").input_ids.to(device)
             out = model.generate(ids, max_new_tokens=body.max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
             new = out[0, ids.shape[1]:]
             return {"text": tok.decode(new, skip_special_tokens=True),
@@ -67,8 +68,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.model, args.device), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

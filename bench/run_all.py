@@ -30,6 +30,7 @@ import httpx
 from bench.loadgen import run_load, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("APP_DEVICE", "cpu")
 PEER_PY = ROOT / "bench" / ".venv-peer" / "bin" / "python"
 GGUF = ROOT / ".cache" / "assets" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = ROOT / "model_store" / "smollm2-135m-instruct"
@@ -100,7 +101,7 @@ class Proc:
 
 
 def service(port: int, **env) -> Proc:
-    e = {"APP_PORT": str(port), "APP_HOST": "127.0.0.1", "APP_MODEL": "smollm2-135m-instruct", "APP_DEVICE": "cpu",
+    e = {"APP_PORT": str(port), "APP_HOST": "127.0.0.1", "APP_MODEL": "smollm2-135m-instruct", "APP_DEVICE": DEVICE,
          "APP_MAX_QUEUE": "4096", "APP_MAX_BATCH_SIZE": "64", "APP_LOG_LEVEL": "warning", **env}
     return Proc("service" + ("-" + env["APP_QUANTIZATION"] if "APP_QUANTIZATION" in env else ""),
                 [str(ROOT / "docker" / "entrypoint.sh"), "serve"], port, "/ready",
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
 
     # ---------------- /score ----------------
     svc = service(8301)
-    base = Proc("baseline", [sys.executable, "-m", "bench.baseline_server", "--model", str(MODEL_DIR), "--port", "8302"], 8302, "/health")
+    base = Proc("baseline", [sys.executable, "-m", "bench.baseline_server", "--model", str(MODEL_DIR), "--port", "8302",
+                             "--device", DEVICE], 8302, "/health")
     try:
         score_rows = {}
         examples, payloads = score_payloads(n(64))
@@ -253,7 +255,8 @@ def overhead(svc: Proc, reps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if DEVICE.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).to(DEVICE).eval()
     body = {"prompt": PROMPTS[0], "max_new_tokens": 64, "cache": False}
     http = []
     for _ in range(reps):
@@ -263,7 +266,7 @@ def overhead(svc: Proc, reps: int) -> dict:
         assert r.status_code == 200
     n_new = r.json()["usage"]["completion_tokens"]
     direct = []
-    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids.to(DEVICE)
     with torch.no_grad():
         for _ in range(reps):
             t0 = time.perf_counter()

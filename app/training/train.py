@@ -75,9 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--eval-examples", type=int, default=500, help="fixed held-out subset for the learning curve")
-    p.add_argument("--eval-at", default="250,500,1000,2000,4000,8000,16000",
-                   help="training examples seen at which to evaluate (plus 0 and the end)")
+    p.add_argument("--eval-at", default="0,250,500,1000,2000,4000,8000,16000",
+                   help="training examples seen at which to evaluate (plus the end)")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--skip-final-eval", action="store_true",
+                   help="no subset eval at the end (when a full held-out evaluation follows anyway)")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def maybe_eval(step: int, force: bool = False) -> None:
         seen = step * plan.global_batch
-        due = force or any(prev < p <= seen for p in eval_points for prev in [(step - 1) * plan.global_batch]) or step == 0
+        previous = (step - 1) * plan.global_batch
+        due = force or (step == 0 and 0 in eval_points) or any(previous < p <= seen for p in eval_points if p > 0)
         if args.no_eval or not held or not due or seen in evaluated:
             return
         if accelerator.is_main_process:
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         log({"type": "train", "step": step + 1, "examples_seen": (step + 1) * plan.global_batch, "loss": loss_value, "lr": lr, "examples_per_s": rate})
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.2f}")
         bar.update()
-        maybe_eval(step + 1, force=step + 1 == plan.total_steps)
+        maybe_eval(step + 1, force=step + 1 == plan.total_steps and not args.skip_final_eval)
         if (step + 1) % args.save_every == 0 or step + 1 == plan.total_steps:
             state = {"step": step + 1, "examples_seen": (step + 1) * plan.global_batch, "data_position": step + 1,
                      "epoch": (step + 1) / plan.steps_per_epoch, "config": config_blob, "eval_history": history, "loss": loss_value}
