@@ -31,14 +31,17 @@ def write_report(r: dict, out_md: Path) -> None:
          "", "## /score (held-out HellaSwag examples, 4 endings each)", "",
          "Baseline: the same model behind a plain FastAPI app, one request at a time, each ending as a "
          "full sequence (`bench/baseline_server.py`).", "",
-         "| clients | service ex/s | service p50 / p95 s | baseline ex/s | baseline p50 / p95 s | service peak RSS MB | errors |",
-         "|---|---|---|---|---|---|---|"]
+         "| clients | service ex/s | mean batch | service p50 / p95 s | baseline ex/s | baseline p50 / p95 s | service peak RSS MB | errors |",
+         "|---|---|---|---|---|---|---|---|"]
     for c, row in r["score"]["levels"].items():
         s, b = row["service"], row.get("baseline")
-        L.append(f"| {c} | {s['requests_per_s']:.2f} | {_f(s['latency_p50'])} / {_f(s['latency_p95'])} | "
+        L.append(f"| {c} | {s['requests_per_s']:.2f} | {_f(s.get('mean_batch_size'), '{:.1f}')} | {_f(s['latency_p50'])} / {_f(s['latency_p95'])} | "
                  f"{_f(b and b['requests_per_s'])} | {_f(b and b['latency_p50'])} / {_f(b and b['latency_p95'])} | "
                  f"{s['peak_rss'] / 2**20:.0f} | {s['errors'] + (b['errors'] if b else 0)} |")
     sc = r["score"]
+    saving = list(sc["levels"].values())[-1]["service"].get("prefix_token_saving")
+    if saving is not None:
+        L += ["", f"Prefix reuse: the service computed {100 * saving:.1f}% fewer tokens than scoring each ending as its own sequence."]
     L += ["", f"Choices identical to the baseline on {sc['choices_compared']} examples: **{sc['identical_choices']}**; "
               f"acc_norm of those examples: {100 * sc['accuracy_norm_of_scored']:.1f}% (the evaluation module's rule).", "",
           "## /generate (64 new tokens, greedy, streamed)", "",

@@ -162,8 +162,13 @@ def main(argv=None) -> int:
         for c in levels:
             count = min(len(payloads), max(n(8), c * (2 if c < 64 else 1)))
             svc.rss.reset()
+            before = httpx.get(svc.url + "/info").json()["engine"]
             outs, s = load(svc.url, "/score", payloads[:count], c)
+            after = httpx.get(svc.url + "/info").json()["engine"]
             s["peak_rss"] = svc.rss.reset()
+            batches = after["batches"]["score"] - before["batches"]["score"]
+            s["mean_batch_size"] = (after["batched_jobs"]["score"] - before["batched_jobs"]["score"]) / batches if batches else None
+            s["prefix_token_saving"] = after["score_prefix_saving"]
             picks = [o.body["best"] if o.body else None for o in outs]
             row = {"service": s}
             if c in (1, 16):

@@ -144,3 +144,20 @@ def test_interrupted_conversion_leaves_nothing_valid(tmp_path, monkeypatch):
         convert_gguf(gguf_path, store / "tiny-gguf", source={}, progress=False)
     assert list(store.iterdir()) == []
     assert list_models(store) == []
+
+
+def test_int8_cpu_quantization_loads_scores_and_generates(tiny_store):
+    from app.model.scoring import encode_item, score_items
+
+    fp32 = load_model(resolve_model("tiny", tiny_store), store_dir=tiny_store, device="cpu")
+    int8 = load_model(resolve_model("tiny", tiny_store), store_dir=tiny_store, device="cpu", quantization="int8")
+    assert int8.quantization == "int8"
+    assert any("quantized" in type(m).__module__ for m in int8.model.modules())
+    item = encode_item(fp32.tokenizer, "The chef is preparing a meal. He", [" cuts onions.", " runs."])
+    a = score_items(fp32.model, [item], pad_id=fp32.tokenizer.pad_token_id)[0]
+    b = score_items(int8.model, [item], pad_id=int8.tokenizer.pad_token_id)[0]
+    assert all(abs(x - y) < 0.1 * abs(x) + 0.5 for x, y in zip(a, b))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        out = int8.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 6

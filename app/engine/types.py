@@ -165,6 +165,7 @@ class EngineStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "batches": dict(self.batches),
+            "batched_jobs": dict(self.batched_jobs),
             "mean_batch_size": {k: round(self.mean_batch_size(k), 3) for k in self.batches},
             "max_batch_size": dict(self.max_batch_size),
             "oom_retries": self.oom_retries,
