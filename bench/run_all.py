@@ -163,18 +163,17 @@ def main(argv=None) -> int:
             count = min(len(payloads), max(n(8), c * (2 if c < 64 else 1)))
             svc.rss.reset()
             before = httpx.get(svc.url + "/info").json()["engine"]
-            outs, s = load(svc.url, "/score", payloads[:count], c)
+            _, s = load(svc.url, "/score", payloads[:count], c)
             after = httpx.get(svc.url + "/info").json()["engine"]
             s["peak_rss"] = svc.rss.reset()
             batches = after["batches"]["score"] - before["batches"]["score"]
             s["mean_batch_size"] = (after["batched_jobs"]["score"] - before["batched_jobs"]["score"]) / batches if batches else None
             s["prefix_token_saving"] = after["score_prefix_saving"]
-            picks = [o.body["best"] if o.body else None for o in outs]
             row = {"service": s}
             if c in (1, 16):
                 bcount = n(8) if c == 1 else n(16)
                 base.rss.reset()
-                bouts, bs = load(base.url, "/score", payloads[:bcount], c)
+                _, bs = load(base.url, "/score", payloads[:bcount], c)
                 bs["peak_rss"] = base.rss.reset()
                 row["baseline"] = bs
             score_rows[c] = row

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import ThreadedServer, build_tiny_model, build_tokenizer, save_tiny_entry  # noqa: E402
+from helpers import ROOT, ThreadedServer, save_tiny_entry, synthetic_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +53,15 @@ def real_assets():
 
     report = fetch_assets(REAL_STORE, REAL_DATA, Path(__file__).resolve().parents[1] / ".cache" / "assets")
     return report
+
+
+@pytest.fixture()
+def train_env(tmp_path, tiny_store):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "tiny", store / "tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", synthetic_rows(48, seed=2))
+    write_jsonl(data / "eval.jsonl", synthetic_rows(8, seed=3))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return store, data, env

@@ -3,12 +3,16 @@ saved as a model-store entry, and a real uvicorn server on 127.0.0.1 in a backgr
 
 from __future__ import annotations
 
+import json
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CORPUS = [
     "The chef is preparing a meal. He takes out a knife and cuts the onions.",
@@ -182,3 +186,41 @@ def write_tiny_gguf(path: Path, model, tokenizer) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---- training fixtures ----
+WORDS = ["runs to the park", "eats the cake", "opens the door", "plays the guitar", "reads a book", "cuts the onions"]
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        endings = rnd.sample(WORDS, 4)
+        rows.append({"activity_label": "Daily life", "ctx_a": f"Scene {i % 7}: a person", "ctx_b": "then",
+                     "endings": endings, "label": str(rnd.randrange(4)), "source_id": f"activitynet~v_{i}",
+                     "split_type": "indomain", "ind": i})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def examples_from(rows):
+    from app.data.hellaswag import to_example
+
+    return [to_example(r, i) for i, r in enumerate(rows)]
+
+
+
+def train_cmd(out: Path, store: Path, data: Path, *extra: str, launcher: list[str] | None = None) -> list[str]:
+    args = ["--model", "tiny", "--model-store", str(store), "--train-file", str(data / "train.jsonl"),
+            "--eval-file", str(data / "eval.jsonl"), "--output_dir", str(out), "--batch-size", "4",
+            "--lr", "1e-3", "--epochs", "1", "--eval-examples", "8", "--eval-at", "16", "--quiet", *extra]
+    return (launcher or [sys.executable, "-m", "app.training.train"]) + args
+
+

@@ -1,7 +1,6 @@
 """The engine without HTTP: batching, batch invariance, OOM split, failures, cancellation."""
 
 import queue
-import threading
 import time
 
 import pytest

@@ -2,9 +2,7 @@
 
 import json
 import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -4,10 +4,8 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -256,16 +254,10 @@ def test_no_stack_traces_or_cors_by_default(server):
 
 
 @pytest.mark.slow
-def test_training_kill_mid_checkpoint_write_then_resume(tmp_path, tiny_store):
-    from test_training import ROOT, synthetic_rows, train_cmd, write_jsonl
+def test_training_kill_mid_checkpoint_write_then_resume(tmp_path, train_env):
+    from helpers import ROOT, train_cmd
 
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store / "tiny", store / "tiny")
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", synthetic_rows(48, seed=2))
-    write_jsonl(data / "eval.jsonl", synthetic_rows(8, seed=3))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    store, data, env = train_env
     out = tmp_path / "run"
     kills = 0
     ckpts = out / "checkpoints"

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from app.model.scoring import (
     ScoreItem, argmax, encode_item, encode_pair, join_for_scoring, normalize, pack_items, reference_logprob,

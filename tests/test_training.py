@@ -12,40 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from app.data.hellaswag import Example
 from app.evaluate import Record, mcnemar, summarize, wilson_interval
-from app.model.scoring import encode_item, reference_logprob
+from app.model.scoring import reference_logprob
 from app.training.objectives import compute_loss, encode_examples
-
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["runs to the park", "eats the cake", "opens the door", "plays the guitar", "reads a book", "cuts the onions"]
-
-
-def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
-    import random
-
-    rnd = random.Random(seed)
-    rows = []
-    for i in range(n):
-        endings = rnd.sample(WORDS, 4)
-        rows.append({"activity_label": "Daily life", "ctx_a": f"Scene {i % 7}: a person", "ctx_b": "then",
-                     "endings": endings, "label": str(rnd.randrange(4)), "source_id": f"activitynet~v_{i}",
-                     "split_type": "indomain", "ind": i})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def examples_from(rows):
-    from app.data.hellaswag import to_example
-
-    return [to_example(r, i) for i, r in enumerate(rows)]
-
+from helpers import ROOT, examples_from, synthetic_rows, train_cmd
 
 def test_mc_loss_equals_hand_computation(tiny_loaded):
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer
@@ -81,27 +52,6 @@ def test_objectives_decrease_loss(objective, tiny_store):
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first, (first, loss.item())
-
-
-def train_cmd(out: Path, store: Path, data: Path, *extra: str, launcher: list[str] | None = None) -> list[str]:
-    args = ["--model", "tiny", "--model-store", str(store), "--train-file", str(data / "train.jsonl"),
-            "--eval-file", str(data / "eval.jsonl"), "--output_dir", str(out), "--batch-size", "4",
-            "--lr", "1e-3", "--epochs", "1", "--eval-examples", "8", "--eval-at", "16", "--quiet", *extra]
-    return (launcher or [sys.executable, "-m", "app.training.train"]) + args
-
-
-@pytest.fixture()
-def train_env(tmp_path, tiny_store):
-    import shutil
-
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store / "tiny", store / "tiny")
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", synthetic_rows(48, seed=2))
-    write_jsonl(data / "eval.jsonl", synthetic_rows(8, seed=3))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return store, data, env
 
 
 def losses(out: Path) -> list[float]:
