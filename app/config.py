@@ -7,10 +7,11 @@ tests and the CLI build their own instances.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -41,9 +42,10 @@ class Settings(BaseSettings):
     # --- HTTP ---
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list)
+    # NoDecode: accept "k1,k2" from the environment as well as a JSON list.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     metrics_require_auth: bool = False
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     log_level: str = "info"
 
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             stripped = value.strip()
             if stripped.startswith("["):
-                return value  # JSON list: pydantic-settings already decodes it
+                return json.loads(stripped)
             return [part.strip() for part in stripped.split(",") if part.strip()]
         return value
 

@@ -69,3 +69,4 @@ def test_single_flight_computes_once_and_failures_do_not_stick():
         asyncio.run(cache.get_or_compute("bad", failing))
     value, cached = asyncio.run(cache.get_or_compute("bad", compute))
     assert not cached and value["v"] == 2
+

@@ -51,8 +51,11 @@ def test_real_server_scores_and_generates(real_assets, tmp_path):
     settings = Settings(model_store_dir=REAL_STORE, data_dir=REAL_DATA, device="cpu", fetch_assets_on_start=False)
     held = split_examples(load_examples(real_assets.data_dir), "held_out")[:4]
     with ThreadedServer(settings) as srv:
+        from app.model_store import resolve_model
+
         info = httpx.get(srv.url + "/info").json()
-        assert info["model"]["name"] == "smollm2-135m-instruct"
+        # what `make serve` serves: the shipped fine-tuned entry if there is one, else the base
+        assert info["model"]["name"] == resolve_model(None, REAL_STORE).name
 
         async def go():
             async with httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
