@@ -273,19 +273,20 @@ class Engine:
                 continue
             seen_groups.add(id(group))
             self.runner.join(self.batch, group, cache, mask)
+            greedy = logits.argmax(-1).tolist()
             for row, s in enumerate(group):
                 self.observer.on_tokens(len(s.job.prompt_ids), 0)
-                self._advance(s, logits[row])
+                self._advance(s, logits[row], greedy[row])
         self._retire_finished()
 
-    def _advance(self, seq: Sequence_, logits) -> None:
+    def _advance(self, seq: Sequence_, logits, greedy_token: int | None = None) -> None:
         """Choose the next token for ``seq`` from its logits and deliver what it releases.
 
         Sampling is per request: a failure here fails this sequence only, not its batch mates."""
         if seq.job.finished:
             return
         try:
-            token = self.runner.choose(seq, logits)
+            token = self.runner.choose(seq, logits, greedy_token)
         except Exception as exc:  # noqa: BLE001
             log.error("sampling failed for request %d: %s: %s", seq.job.id, type(exc).__name__, exc)
             self._fail(seq.job, ModelError(f"sampling failed: {type(exc).__name__}"))
@@ -355,8 +356,9 @@ class Engine:
                 if self._slot_cap >= self.limits.max_batch_size:
                     self._slot_cap = None
         self.observer.on_batch("decode", size, int(self.batch.mask.sum()), time.monotonic() - started)
+        greedy = logits.argmax(-1).tolist()  # one op for the whole batch
         for row, seq in enumerate(self.batch.seqs):
-            self._advance(seq, logits[row])
+            self._advance(seq, logits[row], greedy[row])
         self._retire_finished()
 
     def _preempt_after_oom(self) -> None:

@@ -209,7 +209,13 @@ class ModelRunner:
             raise
         return out.logits[:, -1, :]
 
-    def choose(self, seq: Sequence_, logits: torch.Tensor) -> int:
-        token = choose_token(logits, seq.job.params, seq.seen, seq.generator)
+    def choose(self, seq: Sequence_, logits: torch.Tensor, greedy_token: int | None = None) -> int:
+        """``greedy_token``: the row's argmax computed for the whole batch at once, used when
+        nothing (sampling, repetition penalty) can change the pick."""
+        params = seq.job.params
+        if greedy_token is not None and params.greedy and params.repetition_penalty == 1.0:
+            token = greedy_token
+        else:
+            token = choose_token(logits, params, seq.seen, seq.generator)
         seq.seen.append(token)
         return token
