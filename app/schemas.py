@@ -122,6 +122,16 @@ class ScoreResponse(BaseModel):
 # ---------------- OpenAI-compatible ----------------
 
 
+def _check_texts(value, what: str):
+    """Every string in a str-or-list field must be non-empty valid Unicode (token ids pass)."""
+    items = [value] if isinstance(value, str) else (value or [])
+    for text in (x for x in items if isinstance(x, str)):
+        _encodable(text, what)
+        if not text:
+            raise ValueError(f"{what} must not be empty")
+    return value
+
+
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -147,21 +157,12 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        texts = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)]
-        for text in texts:
-            _encodable(text, "prompt")
-            if not text:
-                raise ValueError("prompt must not be empty")
-        return v
+        return _check_texts(v, "prompt")
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        for s in [v] if isinstance(v, str) else (v or []):
-            _encodable(s, "stop")
-            if not s:
-                raise ValueError("stop strings must not be empty")
-        return v
+        return _check_texts(v, "stop")
 
     @field_validator("logit_bias")
     @classmethod

@@ -40,6 +40,15 @@ def encode(tok, text):
     return tuple(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def submit_scores(engine, items) -> list[QueueSink]:
+    sinks = []
+    for item in items:
+        sink = QueueSink()
+        engine.submit(ScoreJob(sink=sink, context_ids=item.context_ids, continuations=item.continuations))
+        sinks.append(sink)
+    return sinks
+
+
 def gen(engine, tok, text, new=12, **params):
     sink = QueueSink()
     job = GenerateJob(sink=sink, prompt_ids=encode(tok, text), params=SamplingParams(max_new_tokens=new, **params))
@@ -81,12 +90,7 @@ def test_seeded_sampling_reproducible(engine, tiny_loaded):
 def test_score_batches_and_matches_reference(engine, tiny_loaded):
     tok, model = tiny_loaded.tokenizer, tiny_loaded.model
     items = [encode_item(tok, p, [" and then it ends.", " runs.", " plays with the dog"]) for p in PROMPTS]
-    sinks = []
-    for item in items:
-        sink = QueueSink()
-        engine.submit(ScoreJob(sink=sink, context_ids=item.context_ids, continuations=item.continuations))
-        sinks.append(sink)
-    results = [s.final() for s in sinks]
+    results = [s.final() for s in submit_scores(engine, items)]
     worst = max(
         abs(lp - reference_logprob(model, item.context_ids, cont))
         for item, res in zip(items, results)
@@ -105,12 +109,7 @@ def test_oom_splits_batch_and_everyone_succeeds(engine, tiny_loaded):
 
     engine.runner.fault_hook = fault
     items = [encode_item(tok, p, [" yes.", " no."]) for p in PROMPTS]
-    sinks = []
-    for item in items:
-        sink = QueueSink()
-        engine.submit(ScoreJob(sink=sink, context_ids=item.context_ids, continuations=item.continuations))
-        sinks.append(sink)
-    results = [s.final() for s in sinks]
+    results = [s.final() for s in submit_scores(engine, items)]
     assert all(isinstance(r, ScoreResult) for r in results)
     # generation: prefill of several prompts splits too, decode of >1 preempts down to one
     gens = [gen(engine, tok, p, new=4)[1] for p in PROMPTS[:3]]
@@ -140,13 +139,7 @@ def test_failed_batch_fails_every_member_and_engine_survives(engine, tiny_loaded
 
     engine.runner.fault_hook = fault
     engine.limits = engine.scheduler.limits = BatchLimits(score_max_batch_size=8, max_wait_s=0.2)
-    sinks = []
-    for p in PROMPTS:
-        item = encode_item(tok, p, [" a.", " b."])
-        sink = QueueSink()
-        engine.submit(ScoreJob(sink=sink, context_ids=item.context_ids, continuations=item.continuations))
-        sinks.append(sink)
-    events = [s.final() for s in sinks]
+    events = [s.final() for s in submit_scores(engine, [encode_item(tok, p, [" a.", " b."]) for p in PROMPTS])]
     failed = [e for e in events if isinstance(e, ErrorEvent)]
     assert failed and all(isinstance(e.error, ModelError) for e in failed)
     assert len({str(e.error) for e in failed}) == 1  # the same typed error for every member

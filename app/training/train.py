@@ -159,19 +159,17 @@ def resolve_model_base(store_dir: Path):
     return resolve_model(BASE_MODEL_NAME if BASE_MODEL_NAME in names else (names[0] if names else None), store_dir)
 
 
+def _part(args, data_dir: Path, own_file: Path | None, part: str) -> list[Example]:
+    """A JSONL file given for this part wins; else that part of the grouped split."""
+    if own_file:
+        return load_examples(own_file, "all")
+    source = default_dataset_dir(data_dir) if args.dataset in ("hellaswag", "embedded") else args.dataset
+    return split_examples(load_examples(source, "all"), part)  # type: ignore[arg-type]
+
+
 def load_train_eval(args, data_dir: Path) -> tuple[list[Example], list[Example]]:
-    if args.train_file:
-        train = load_examples(args.train_file, "all")
-    elif args.dataset in ("hellaswag", "embedded"):
-        train = load_examples(default_dataset_dir(data_dir), "train")
-    else:
-        train = split_examples(load_examples(args.dataset, "all"), "train")
-    if args.eval_file:
-        held = load_examples(args.eval_file, "all")
-    elif args.dataset in ("hellaswag", "embedded"):
-        held = load_examples(default_dataset_dir(data_dir), "held_out")
-    else:
-        held = split_examples(load_examples(args.dataset, "all"), "held_out")
+    train = _part(args, data_dir, args.train_file, "train")
+    held = _part(args, data_dir, args.eval_file, "held_out")
     if args.max_train_examples is not None and args.max_train_examples < len(train):
         train = random.Random(args.seed).sample(train, args.max_train_examples)
     if args.eval_examples and args.eval_examples < len(held):
