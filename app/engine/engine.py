@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Iterable
 
-from app.engine.runner import DecodeBatch, ModelRunner, Sequence_, is_oom
+from app.engine.runner import DecodeBatch, ModelRunner, RunningSequence, is_oom
 from app.engine.scheduler import Scheduler
 from app.engine.types import (
     BatchLimits,
@@ -252,7 +252,7 @@ class Engine:
         for job in jobs:
             self.observer.on_queue_wait("generate", started - job.arrival)
 
-        def prefill_group(group: list[Sequence_]):
+        def prefill_group(group: list[RunningSequence]):
             cache, mask, logits = self.runner.prefill(group)
             return [(group, cache, mask, logits)] * len(group)
 
@@ -279,7 +279,7 @@ class Engine:
                 self._advance(s, logits[row], greedy[row])
         self._retire_finished()
 
-    def _advance(self, seq: Sequence_, logits, greedy_token: int | None = None) -> None:
+    def _advance(self, seq: RunningSequence, logits, greedy_token: int | None = None) -> None:
         """Choose the next token for ``seq`` from its logits and deliver what it releases.
 
         Sampling is per request: a failure here fails this sequence only, not its batch mates."""

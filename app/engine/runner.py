@@ -38,7 +38,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 @dataclass
-class Sequence_:
+class RunningSequence:
     job: GenerateJob
     stop: StopState
     generator: torch.Generator
@@ -51,7 +51,7 @@ class Sequence_:
 
 @dataclass
 class DecodeBatch:
-    seqs: list[Sequence_] = field(default_factory=list)
+    seqs: list[RunningSequence] = field(default_factory=list)
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None  # (B, T) 1 = real token
 
@@ -119,7 +119,7 @@ class ModelRunner:
         ]
 
     # ---------------- generate ----------------
-    def new_sequence(self, job: GenerateJob) -> Sequence_:
+    def new_sequence(self, job: GenerateJob) -> RunningSequence:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         stop = StopState(
             decode=decode,
@@ -129,10 +129,10 @@ class ModelRunner:
             max_total_tokens=self.context_length,
             prompt_tokens=len(job.prompt_ids),
         )
-        return Sequence_(job, stop, make_generator(job.params.seed), list(job.prompt_ids))
+        return RunningSequence(job, stop, make_generator(job.params.seed), list(job.prompt_ids))
 
     @torch.inference_mode()
-    def prefill(self, seqs: Sequence[Sequence_]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def prefill(self, seqs: Sequence[RunningSequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Run the prompts (left-padded) and return their cache, mask and last-position logits."""
         self._fault("prefill", len(seqs))
         width = max(len(s.job.prompt_ids) for s in seqs)
@@ -154,7 +154,7 @@ class ModelRunner:
         )
         return cache, mask.to(self.device), out.logits[:, -1, :]
 
-    def join(self, batch: DecodeBatch, seqs: Sequence[Sequence_], cache: DynamicCache, mask: torch.Tensor) -> None:
+    def join(self, batch: DecodeBatch, seqs: Sequence[RunningSequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         if batch.cache is None:
             batch.cache, batch.mask, batch.seqs = cache, mask, list(seqs)
             return
@@ -209,7 +209,7 @@ class ModelRunner:
             raise
         return out.logits[:, -1, :]
 
-    def choose(self, seq: Sequence_, logits: torch.Tensor, greedy_token: int | None = None) -> int:
+    def choose(self, seq: RunningSequence, logits: torch.Tensor, greedy_token: int | None = None) -> int:
         """``greedy_token``: the row's argmax computed for the whole batch at once, used when
         nothing (sampling, repetition penalty) can change the pick."""
         params = seq.job.params
