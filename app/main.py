@@ -61,14 +61,16 @@ class ServiceState:
         from app.engine.engine import Engine
         from app.engine.runner import ModelRunner
         from app.engine.types import BatchLimits
-        from app.model_store import list_models, load_model, resolve_model
+        from app.assets import BASE_MODEL_NAME
+        from app.model_store import is_complete_model_dir, load_model, resolve_model
 
         s = self.settings
         t0 = time.perf_counter()
-        if s.model is None and not list_models(s.model_store_dir) and s.fetch_assets_on_start:
+        if s.model is None and s.fetch_assets_on_start and not is_complete_model_dir(s.model_store_dir / BASE_MODEL_NAME):
+            # Also when only a shipped fine-tuned adapter is present: it needs its base.
             from app.assets import fetch_assets
 
-            log.info("model store is empty: fetching the embedded default")
+            log.info("embedded base model missing: fetching it")
             fetch_assets(s.model_store_dir, s.data_dir, s.asset_cache_dir)
         entry = resolve_model(s.model, s.model_store_dir)
         log.info("loading model %s (%s)", entry.name, entry.kind)
