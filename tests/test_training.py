@@ -22,12 +22,13 @@ def test_mc_loss_equals_hand_computation(tiny_loaded):
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer
     examples = examples_from(synthetic_rows(2))
     items = encode_examples(tok, examples)
-    loss = compute_loss("mc", model, items, examples, tok.pad_token_id)
-    by_hand = []
-    for ex, item in zip(examples, items):
-        norm = torch.tensor([reference_logprob(model, item.context_ids, c) / len(e) for c, e in zip(item.continuations, ex.endings)])
-        by_hand.append(-torch.log_softmax(norm, 0)[ex.label])
-    assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), abs=1e-4)
+    for temperature in (1.0, 0.1):
+        loss = compute_loss("mc", model, items, examples, tok.pad_token_id, temperature=temperature)
+        by_hand = []
+        for ex, item in zip(examples, items):
+            norm = torch.tensor([reference_logprob(model, item.context_ids, c) / len(e) for c, e in zip(item.continuations, ex.endings)])
+            by_hand.append(-torch.log_softmax(norm / temperature, 0)[ex.label])
+        assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), abs=1e-3)
     lm = compute_loss("lm", model, items, examples, tok.pad_token_id)
     gold = [(item.context_ids, item.continuations[ex.label]) for ex, item in zip(examples, items)]
     expected = -sum(reference_logprob(model, c, g) for c, g in gold) / sum(len(g) for _, g in gold)

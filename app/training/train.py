@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # what to train
     p.add_argument("--objective", choices=["mc", "lm"], default="mc")
     p.add_argument("--lm-weight", type=float, default=0.0, help="mc only: add this x LM loss on the gold ending")
+    p.add_argument("--mc-temperature", type=float, default=1.0,
+                   help="mc only: softmax temperature over the length-normalized log-likelihoods")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0 = full fine-tune)")
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--merge-lora", action="store_true", help="export merged full weights instead of the adapter")
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             sync = micro == args.grad_accum - 1
             ctx = accelerator.no_sync(model) if (not sync and world > 1) else _nullcontext()
             with ctx:
-                loss = compute_loss(args.objective, model, items, examples, pad_id, args.lm_weight) / args.grad_accum
+                loss = compute_loss(args.objective, model, items, examples, pad_id, args.lm_weight, args.mc_temperature) / args.grad_accum
                 accelerator.backward(loss)
             total_loss += loss.detach()
             ex_since += len(idx) * world
