@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-reports", nargs=2, type=Path, metavar=("BASE.json", "FINETUNED.json"),
                    help="write the comparison from two saved --out reports (same examples) without rescoring")
     p.add_argument("--training-run", type=Path, help="a training output_dir: adds its learning curve to the comparison")
+    p.add_argument("--notes", type=Path, help="a Markdown file appended to the comparison page")
     p.add_argument("--data", help="a rowanz-format JSONL file (default: the embedded held-out split)")
     p.add_argument("--split", default="held_out", choices=["held_out", "train", "all"])
     p.add_argument("--limit", type=int, help="random subset of N examples (fixed seed)")
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         if reports[0]["examples_fingerprint"] != reports[1]["examples_fingerprint"]:
             p.error("the two reports were computed on different examples")
         extra = learning_curve_md(args.training_run, reports[0], reports[1]) if args.training_run else ""
+        if args.notes:
+            extra += "\n\n" + args.notes.read_text()
         test = write_comparison(reports[0], reports[1], args.results_md, args.results_md.with_suffix(".png"), extra)
         json.dump({"base": reports[0]["overall"], "finetuned": reports[1]["overall"], "mcnemar": test}, sys.stdout, indent=2)
         print()
