@@ -226,7 +226,12 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     evals = [r for r in rows if r.get("type") == "eval"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
-        a.plot([r["examples_seen"] for r in train], [r["loss"] for r in train], lw=0.8)
+        xs, ys = [r["examples_seen"] for r in train], [r["loss"] for r in train]
+        a.plot(xs, ys, lw=0.6, alpha=0.4, label="per step")
+        window = max(len(ys) // 10, 1)  # per-step losses of small batches are noisy
+        smooth = [sum(ys[max(0, i - window + 1) : i + 1]) / len(ys[max(0, i - window + 1) : i + 1]) for i in range(len(ys))]
+        a.plot(xs, smooth, lw=1.5, label=f"mean of last {window}")
+        a.legend()
     a.set_xlabel("training examples")
     a.set_ylabel("training loss")
     if evals:
