@@ -19,7 +19,9 @@ COPY pyproject.toml README.md ./
 RUN mkdir app && touch app/__init__.py && pip install . && pip uninstall -y hellaswag-serve && rm -rf app
 COPY app ./app
 RUN pip install --no-deps .
-# The embedded default is fetched and converted at build time, so the image runs offline.
+# Shipped fine-tuned entries (a small LoRA adapter) come from the repo; the embedded base is
+# fetched and converted at build time, so the image runs offline.
+COPY model_store ./model_store
 RUN hellaswag-fetch-assets --model-store /app/model_store --data-dir /app/data --cache-dir /tmp/assets \
     && rm -rf /tmp/assets
 
