@@ -14,6 +14,9 @@ def _ms(x):
 
 
 def write_report(r: dict, out_md: Path) -> None:
+    # Levels may come back from JSON with string keys; the chart needs numbers.
+    for section in ("score", "generate"):
+        r[section]["levels"] = {int(k): v for k, v in sorted(r[section]["levels"].items(), key=lambda kv: int(kv[0]))}
     m = r["machine"]
     h = r["headline"]
     L = ["# Benchmarks", "",
