@@ -3,6 +3,7 @@ saved as a model-store entry, and a real uvicorn server on 127.0.0.1 in a backgr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sys
@@ -224,3 +225,24 @@ def train_cmd(out: Path, store: Path, data: Path, *extra: str, launcher: list[st
     return (launcher or [sys.executable, "-m", "app.training.train"]) + args
 
 
+
+
+async def disconnect_storm(url: str, give_up: int, hang_up: int, give_up_after_s: float) -> list:
+    """``give_up`` clients that time out mid-queue/mid-decode, then ``hang_up`` streaming
+    clients that read one event and close. Returns the give-up clients' outcomes."""
+    async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=give_up + 8)) as c:
+        body = {"max_new_tokens": 200, "cache": False}
+        tasks = [c.post("/generate", json={"prompt": f"give up {i}", **body}, timeout=give_up_after_s) for i in range(give_up)]
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for i in range(hang_up):
+            async with c.stream("POST", "/generate", json={"prompt": f"hang up {i}", "stream": True, **body}, timeout=30) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data"):
+                        break
+    return outcomes
+
+
+def wait_engine_idle(engine, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (engine.running or engine.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from app.model.scoring import encode_item, reference_logprob
-from helpers import ThreadedServer, metric_value
+from helpers import ThreadedServer, disconnect_storm, metric_value, wait_engine_idle
 
 SEED_BODY = {"prompt": "The chef is preparing a meal. He takes out a knife and", "max_length": 100}
 
@@ -196,24 +196,9 @@ def test_disconnects_free_their_slots(server):
     engine = server.svc.engine
     cancelled_before = engine.stats.cancelled
 
-    async def go():
-        async with httpx.AsyncClient(base_url=server.url) as c:
-            # non-streamed: the client gives up (timeout) mid-queue / mid-decode
-            tasks = [c.post("/generate", json={"prompt": f"long {i}", "max_new_tokens": 200, "cache": False}, timeout=0.3) for i in range(12)]
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            assert all(isinstance(r, httpx.TimeoutException) for r in results)
-            # streamed: read one event then hang up
-            for i in range(4):
-                async with c.stream("POST", "/generate", json={"prompt": f"stream {i}", "max_new_tokens": 200, "stream": True}, timeout=30) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data"):
-                            break
-
-    asyncio.run(go())
-    import time
-    deadline = time.monotonic() + 20
-    while (engine.running or engine.queue_depth) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    outcomes = asyncio.run(disconnect_storm(server.url, give_up=12, hang_up=4, give_up_after_s=0.3))
+    assert all(isinstance(r, httpx.TimeoutException) for r in outcomes)
+    wait_engine_idle(engine, 20)
     assert engine.running == 0 and engine.queue_depth == 0
     assert engine.stats.cancelled - cancelled_before >= 12
     r = httpx.post(server.url + "/generate", json={"prompt": "after", "max_new_tokens": 3, "cache": False}, timeout=30)

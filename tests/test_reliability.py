@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.engine.runner import InjectedOOM
-from helpers import ThreadedServer, metric_value
+from helpers import ThreadedServer, disconnect_storm, metric_value, wait_engine_idle
 
 RESULTS = Path(__file__).resolve().parents[1] / "tests" / ".reliability-last-run.json"
 
@@ -172,23 +172,9 @@ def test_cancellation_storm_then_normal_speed(tiny_settings):
 
         before = timed()
 
-        async def storm():
-            async with httpx.AsyncClient(base_url=srv.url, limits=httpx.Limits(max_connections=256)) as c:
-                # mid-queue / mid-decode: give up after a short timeout (long enough to be enqueued)
-                tasks = [c.post("/generate", json={"prompt": f"storm {i}", "max_new_tokens": 200, "cache": False}, timeout=1.0) for i in range(200)]
-                await asyncio.gather(*tasks, return_exceptions=True)
-                # mid-stream: read one event, hang up
-                for i in range(100):
-                    async with c.stream("POST", "/generate", json={"prompt": f"s{i}", "max_new_tokens": 200, "stream": True}, timeout=30) as r:
-                        async for line in r.aiter_lines():
-                            if line.startswith("data"):
-                                break
-
-        asyncio.run(storm())
+        asyncio.run(disconnect_storm(srv.url, give_up=200, hang_up=100, give_up_after_s=1.0))
         engine = srv.svc.engine
-        deadline = time.monotonic() + 30
-        while (engine.queue_depth or engine.running) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_engine_idle(engine, 30)
         assert engine.queue_depth == 0 and engine.running == 0
         after = timed()
         record("cancellations", {"disconnects": 300, "p50_before_s": round(before, 3), "p50_after_s": round(after, 3),
