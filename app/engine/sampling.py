@@ -35,9 +35,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        remove = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return logits
@@ -48,16 +48,18 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Extreme penalties or temperatures can overflow: keep the ranking, drop the infinities."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+
+
 def choose_token(
     logits: torch.Tensor, params: SamplingParams, seen: Sequence[int], generator: torch.Generator
 ) -> int:
-    raw = logits.float()
-    logits = apply_repetition_penalty(raw, seen, params.repetition_penalty)
-    # Extreme penalties can overflow; keep the ranking, drop the infinities.
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    logits = _finite(apply_repetition_penalty(logits.float(), seen, params.repetition_penalty))
     if params.greedy or params.temperature < MIN_SAMPLING_TEMPERATURE:
         return int(torch.argmax(logits))
-    scaled = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    scaled = _finite(logits / params.temperature)
     filtered = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     probs = torch.softmax(filtered.double(), dim=-1)
     if not torch.isfinite(probs).all() or probs.sum() <= 0:
