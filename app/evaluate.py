@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from app.data.hellaswag import Example, default_dataset_dir, load_examples, split_fingerprint
+from app.data.hellaswag import Example, default_dataset_dir, fixed_sample, load_examples, split_fingerprint
 from app.model.scoring import argmax, encode_item, normalize, score_items
 
 
@@ -141,12 +141,7 @@ def load_eval_examples(data: str | None, data_dir: Path, split: str, limit: int 
         examples = load_examples(data, "all")
     else:
         examples = load_examples(default_dataset_dir(data_dir), split)  # type: ignore[arg-type]
-    if limit is not None and limit < len(examples):
-        import random
-
-        examples = random.Random(seed).sample(examples, limit)
-        examples.sort(key=lambda e: e.row)
-    return examples
+    return fixed_sample(examples, limit, seed)
 
 
 def evaluate(model_spec: str | None, examples: Sequence[Example], settings, batch_size: int, progress: bool = True) -> dict:
@@ -177,11 +172,8 @@ def learning_curve_md(run_dir: Path, base: dict, tuned: dict) -> str:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     report = json.loads((run_dir / "report.json").read_text())
     cfg = report["config"]
-    subset_size = cfg.get("eval_examples") or 0
     held = load_examples(default_dataset_dir(Path(cfg.get("data_dir") or "data")), "held_out")
-    import random
-
-    subset = {e.row for e in random.Random(0).sample(held, subset_size)} if subset_size and subset_size < len(held) else {e.row for e in held}
+    subset = {e.row for e in fixed_sample(held, cfg.get("eval_examples"))}
 
     def subset_acc(rep: dict) -> float:
         recs = [r for r in rep["records"] if r["row"] in subset]

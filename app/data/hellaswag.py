@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,14 @@ def default_dataset_dir(data_dir: Path) -> Path:
 def load_examples(source: str | Path, part: Part = "all") -> list[Example]:
     rows = load_rows(source)
     return split_examples((to_example(r, i) for i, r in enumerate(rows)), part)
+
+
+def fixed_sample(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
+    """The same ``n`` examples every time (row order), or all of them when ``n`` is unset or too
+    big: the one definition of a fixed subset for training curves, --limit and the results page."""
+    if not n or n >= len(examples):
+        return list(examples)
+    return sorted(random.Random(seed).sample(examples, n), key=lambda e: e.row)
 
 
 def split_fingerprint(examples: list[Example]) -> str:

@@ -22,6 +22,7 @@ step, data position, config; each published by renaming a finished temp folder),
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from app.data.hellaswag import Example, default_dataset_dir, load_examples, split_examples, split_fingerprint
+from app.data.hellaswag import Example, default_dataset_dir, fixed_sample, load_examples, split_examples, split_fingerprint
 from app.training.objectives import compute_loss, encode_examples
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -103,16 +104,27 @@ def make_plan(n_examples: int, args, world: int) -> Plan:
     return Plan(global_batch, steps_per_epoch, max(total, 1))
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, n: int) -> tuple[int, ...]:
+    """The epoch's shuffle, computed once per epoch instead of once per micro-batch."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
+
+
 def batch_for(step: int, micro: int, rank: int, world: int, args, plan: Plan, n: int) -> list[int]:
     """Indices of the examples this process trains on at (step, micro). Depends only on the
     seed, the step and the global batch: the data position is the step, so resume and any
     process count see the same global batches."""
     epoch, within = divmod(step, plan.steps_per_epoch)
-    order = list(range(n))
-    random.Random(args.seed + epoch).shuffle(order)
+    order = epoch_order(args.seed + epoch, n)
     start = within * plan.global_batch + micro * args.batch_size * world
     global_micro = order[start : start + args.batch_size * world]
     return global_micro[rank::world]
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -120,10 +132,10 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     complete = [p for p in root.iterdir() if p.name.startswith("step-") and (p / CHECKPOINT_STATE).exists()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return max(complete, key=_checkpoint_step, default=None)
 
 
-def build_model(args, accelerator, store_dir: Path):
+def build_model(args, store_dir: Path):
     from app.model_store import load_model, resolve_model
 
     entry = resolve_model(args.model, store_dir) if args.model else resolve_model_base(store_dir)
@@ -174,9 +186,7 @@ def load_train_eval(args, data_dir: Path) -> tuple[list[Example], list[Example]]
     held = _part(args, data_dir, args.eval_file, "held_out")
     if args.max_train_examples is not None and args.max_train_examples < len(train):
         train = random.Random(args.seed).sample(train, args.max_train_examples)
-    if args.eval_examples and args.eval_examples < len(held):
-        held = sorted(random.Random(0).sample(held, args.eval_examples), key=lambda e: e.row)
-    return train, held
+    return train, fixed_sample(held, args.eval_examples)
 
 
 def atomic_save(accelerator, target: Path, state: dict) -> None:
@@ -196,7 +206,7 @@ def atomic_save(accelerator, target: Path, state: dict) -> None:
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     root = output_dir / "checkpoints"
-    done = sorted((p for p in root.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name.split("-")[1]))
+    done = sorted((p for p in root.iterdir() if p.name.startswith("step-")), key=_checkpoint_step)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     train, held = load_train_eval(args, data_dir)
-    model, tokenizer, base_entry = build_model(args, accelerator, store_dir)
+    model, tokenizer, base_entry = build_model(args, store_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan = make_plan(len(train), args, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
