@@ -178,22 +178,21 @@ def _publish_limits_in_schema(app: FastAPI, settings: Settings) -> None:
     """Put this server's configured caps into /openapi.json so clients (and fuzzers) see them."""
     base_openapi = app.openapi
 
+    def set_bound(prop: dict, json_type: str, key: str, value) -> None:
+        # Optional fields are ``anyOf: [{type: ...}, {type: null}]``; required ones are plain.
+        for variant in prop.get("anyOf", [prop]):
+            if variant.get("type") == json_type:
+                variant[key] = value
+
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = base_openapi()
-            props = schema.get("components", {}).get("schemas", {})
-            gen = props.get("GenerateRequest", {}).get("properties", {})
-            for key in ("max_new_tokens",):
-                for variant in gen.get(key, {}).get("anyOf", [gen.get(key, {})]):
-                    if variant.get("type") == "integer":
-                        variant["maximum"] = settings.max_new_tokens_cap
-            for key in ("timeout_s",):
-                for variant in gen.get(key, {}).get("anyOf", []):
-                    if variant.get("type") == "number":
-                        variant["maximum"] = settings.max_request_timeout_s
-            score = props.get("ScoreRequest", {}).get("properties", {})
-            if "endings" in score:
-                score["endings"]["maxItems"] = settings.max_endings
+            models = schema.get("components", {}).get("schemas", {})
+            gen = models.get("GenerateRequest", {}).get("properties", {})
+            set_bound(gen.get("max_new_tokens", {}), "integer", "maximum", settings.max_new_tokens_cap)
+            set_bound(gen.get("timeout_s", {}), "number", "maximum", settings.max_request_timeout_s)
+            score = models.get("ScoreRequest", {}).get("properties", {})
+            set_bound(score.get("endings", {}), "array", "maxItems", settings.max_endings)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -7,8 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_strict = ConfigDict(extra="forbid")
-
 
 def _encodable(value: str, what: str) -> str:
     try:

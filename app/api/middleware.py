@@ -8,6 +8,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_body
+from app.errors import PayloadTooLarge
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list | None = None) -> None:
@@ -28,7 +29,8 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = error_body("payload_too_large", f"request body exceeds {self.max_bytes} bytes")
+        error = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")
+        too_big = error_body(error.error_type, error.message)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -36,7 +38,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > self.max_bytes:
-                    return await _send_json(send, 413, too_big)
+                    return await _send_json(send, error.status_code, too_big)
         received = 0
         started = False
 
@@ -59,7 +61,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _send_json(send, 413, too_big)
+                await _send_json(send, error.status_code, too_big)
 
 
 class _BodyTooLarge(Exception):
