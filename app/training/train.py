@@ -135,11 +135,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(complete, key=_checkpoint_step, default=None)
 
 
-def build_model(args, store_dir: Path):
+def build_model(args, store_dir: Path, trust_remote_code: bool = False):
     from app.model_store import load_model, resolve_model
 
     entry = resolve_model(args.model, store_dir) if args.model else resolve_model_base(store_dir)
-    loaded = load_model(entry, store_dir=store_dir, device="cpu", dtype="float32")
+    loaded = load_model(entry, store_dir=store_dir, device="cpu", dtype="float32", trust_remote_code=trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.requires_grad_(True)
     layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     train, held = load_train_eval(args, data_dir)
-    model, tokenizer, base_entry = build_model(args, store_dir)
+    model, tokenizer, base_entry = build_model(args, store_dir, settings.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan = make_plan(len(train), args, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
